@@ -1,0 +1,1 @@
+"""Region-feature extraction with the bottom-up-attention detector (see docs/roadmap)."""
