@@ -58,3 +58,7 @@ class LegacyFormatError(VilbertError, ValueError):
 
 class MissingDependencyError(VilbertError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class CheckpointError(VilbertError, ValueError):
+    """A checkpoint file cannot be read or does not fit the model (missing, unexpected or mis-shaped keys)."""
