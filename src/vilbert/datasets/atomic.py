@@ -78,6 +78,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def sha256_and_fsync(path: str | os.PathLike) -> str:
+    """Hex sha256 of a closed file, computed while another thread fsyncs it (the two overlap)."""
+    syncer = threading.Thread(target=fsync_file, args=(path,), name="fsync")
+    syncer.start()
+    try:
+        return sha256_file(path)
+    finally:
+        syncer.join()
+
+
 class TailHasher:
     """sha256 of a file that another writer only appends to, computed on a background thread.
 

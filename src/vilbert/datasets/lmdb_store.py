@@ -196,13 +196,12 @@ class LmdbShardWriter:
         self._txn = self._env.begin(write=True)
 
     def close(self) -> None:
-        """Commit, flush and close the environment."""
+        """Commit and close the environment (the caller fsyncs the file before publishing it)."""
         try:
             self._txn.commit()
         except lmdb.MapFullError:
             self.abort()
             raise StoreFullError(f"LMDB map of {self._env.info()['map_size']} bytes is full") from None
-        self._env.sync(True)
         self._env.close()
 
     def abort(self) -> None:

@@ -268,7 +268,7 @@ def pack(sources, out, config: PackConfig = PackConfig(), *, trust_pickle: bool 
     result = PackResult(manifest=manifest, num_written=manifest.num_records, failures=failures,
                         num_failures=int(manifest.failures.get("count", 0)), num_resumed=skip,
                         elapsed_s=time.monotonic() - t0)
-    logger.info("packed %d records into %s (%s) in %.1f s; %d failure(s)%s", result.num_written, out,
+    logger.debug("packed %d records into %s (%s) in %.1f s; %d failure(s)%s", result.num_written, out,
                 config.format, result.elapsed_s, result.num_failures,
                 f"; resumed after {skip} items" if skip else "")
     return result

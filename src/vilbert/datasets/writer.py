@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import vilbert
-from vilbert.datasets.atomic import TMP_SUFFIX, publish, sha256_file, tmp_path_for, write_json_atomic
+from vilbert.datasets.atomic import (
+    TMP_SUFFIX, publish, sha256_and_fsync, sha256_file, tmp_path_for, write_json_atomic,
+)
 from vilbert.datasets.manifest import (
     FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, SHARD_DIR, STORAGES, Manifest, ShardInfo, shard_name, utc_now,
     write_index, write_manifest,
@@ -136,7 +138,7 @@ class StoreWriter:
         self._current_ids: list[str] = []
         self._current_nboxes: list[int] = []
         self._closed = False
-        self._hasher: ThreadPoolExecutor | None = None
+        self._finisher: ThreadPoolExecutor | None = None
         self.resumed_items = 0
         self._prepare(overwrite)
 
@@ -302,7 +304,7 @@ class StoreWriter:
             name = shard_name(self.config.format, len(self._shards))
             self.abort()
             raise StoreFullError(f"{self.out_dir / name}: record {record.image_id!r}: {exc}; completed shards "
-                                 "are kept: re-run with a larger --lmdb-map-size (or smaller --shard-size-mb)"
+                                 "are kept: re-run with a larger --lmdb-map-size-mb (or a smaller --shard-size-mb)"
                                  ) from None
         self._index_row(record.image_id, len(self._shards), self._current.num_rows - 1, record.num_boxes)
         self._current_ids.append(record.image_id)
@@ -355,7 +357,7 @@ class StoreWriter:
         for p in self._shard_dir.glob("*" + DONE_SUFFIX):  # the manifest now describes the shards
             p.unlink()
         self._closed = True
-        logger.info("published %s: %d records in %d shard(s), %d failure(s)", self.out_dir, manifest.num_records,
+        logger.debug("published %s: %d records in %d shard(s), %d failure(s)", self.out_dir, manifest.num_records,
                     len(self._shards), self._failure_count)
         return manifest
 
@@ -407,13 +409,7 @@ class StoreWriter:
 
     def _finish_shard(self) -> None:
         w = self._current
-        number = len(self._shards)
-        name = shard_name(self.config.format, number)
-        final = self.out_dir / name
-        w.close()
-        tmp = w.path
-        size = tmp.stat().st_size
-        publish(tmp, final)  # fsync + rename: complete once its completion record exists
+        name = shard_name(self.config.format, len(self._shards))
         self._current = None
         sidecar = {
             "shard": name,
@@ -421,8 +417,6 @@ class StoreWriter:
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "num_records": w.num_rows,
-            "size_bytes": size,
-            "sha256": getattr(w, "sha256", None),  # Arrow shards are hashed while written
             "stream_end": self._consumed,
             "layout": {"feature_dim": self._feature_dim, "feature_dtype": self.config.feature_dtype,
                        "fields": self._fields},
@@ -430,34 +424,40 @@ class StoreWriter:
             "num_boxes": [int(n) for n in self._current_nboxes],
             "failures": {"count": self._span_failure_count, "examples": self._span_failures},
         }
-        if sidecar["sha256"] is not None:
-            self._shards.append(self._complete_shard(sidecar))
-        else:
-            # LMDB and HDF5 rewrite pages while writing, so they are hashed after closing: on a background
-            # thread while the next shard is written. One worker keeps completion records in shard order.
-            if self._hasher is None:
-                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-hash")
-            self._shards.append(self._hasher.submit(self._complete_shard, sidecar))
+        # Closing (footer, fsync), hashing and publishing run on one background thread while the next shard
+        # is written; one worker keeps completion records in shard order.
+        if self._finisher is None:
+            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finish")
+        self._shards.append(self._finisher.submit(self._complete_shard, w, sidecar))
         self._add_failure_summary(self._span_failure_count, self._span_failures)
         self._span_failures, self._span_failure_count = [], 0
-        logger.debug("shard %s closed: %d rows, %d bytes", name, w.num_rows, size)
 
-    def _complete_shard(self, sidecar: dict) -> ShardInfo:
-        """Hash the published shard if needed and write its completion record."""
+    def _complete_shard(self, w, sidecar: dict) -> ShardInfo:
+        """Close a shard writer, publish the shard (fsync, rename), hash it if needed, write its completion record."""
         name = sidecar["shard"]
-        if sidecar["sha256"] is None:
-            sidecar["sha256"] = sha256_file(self.out_dir / name)
+        final = self.out_dir / name
+        try:
+            w.close()
+        except StoreFullError as exc:
+            raise StoreFullError(f"{final}: {exc}; completed shards are kept: re-run with a larger "
+                                 "--lmdb-map-size-mb (or a smaller --shard-size-mb)") from None
+        sidecar["size_bytes"] = w.path.stat().st_size
+        # Arrow shards are hashed while written; LMDB and HDF5 rewrite pages, so they are hashed here,
+        # while the file is flushed to disk.
+        sidecar["sha256"] = getattr(w, "sha256", None) or sha256_and_fsync(w.path)
+        publish(w.path, final)  # complete once its completion record exists
         write_json_atomic(self._shard_dir / (Path(name).name + DONE_SUFFIX), sidecar)
+        logger.debug("shard %s closed: %d rows, %d bytes", name, w.num_rows, sidecar["size_bytes"])
         return ShardInfo(name, sidecar["num_records"], sidecar["size_bytes"], sidecar["sha256"])
 
     def _wait_for_shards(self) -> None:
-        """Wait for background hashing; every published shard then has its completion record."""
+        """Wait for background shard finishing; every published shard then has its completion record."""
         try:
             self._shards = [s.result() if isinstance(s, Future) else s for s in self._shards]
         finally:
-            if self._hasher is not None:
-                self._hasher.shutdown(wait=True)
-                self._hasher = None
+            if self._finisher is not None:
+                self._finisher.shutdown(wait=True)
+                self._finisher = None
 
     def _rebuild_index_without(self, number: int) -> None:
         """Drop rows of shard `number` from the index (after discarding it) by replaying earlier sidecars."""
