@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-records", type=int, default=8000)
     parser.add_argument("--num-boxes", type=int, default=36)
     parser.add_argument("--no-cls-prob", dest="cls_prob", action="store_false")
-    parser.add_argument("--repeat", type=int, default=2, help="passes per writer (median reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per writer (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes per writer before its timed ones")
     parser.add_argument("--writers", default="plain,plain-sha256,arrow,lmdb")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/vilbert-bench-pack"))
     parser.add_argument("--markdown", type=Path, help="append the results as markdown to this file")
@@ -127,8 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rates: dict[str, list[float]] = {w: [] for w in writers}
     sizes: dict[str, int] = {}
-    for _ in range(args.repeat):
-        for w in writers:
+    # Each writer gets untimed warm-up passes, then its timed passes back to back. On this VM, memory the
+    # guest has not touched for a while is slow to touch again (pages handed back to the host), and which
+    # writer ran just before changed a pass by up to 4x when writers were interleaved; blocks compare
+    # steady states.
+    for w in writers:
+        for i in range(args.warmup + args.repeat):
             out = args.data_dir / f"out-{w}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
@@ -140,9 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 write_store(out, records, w)
             dt = time.perf_counter() - t0
-            rates[w].append(payload / dt / 1e6)
             sizes[w] = dir_bytes(out)
-            print(f"{w}: {payload / dt / 1e6:,.0f} MB/s ({dt:.1f} s, {sizes[w] / 1e9:.2f} GB on disk)")
+            warm = i < args.warmup
+            if not warm:
+                rates[w].append(payload / dt / 1e6)
+            print(f"{w}{' (warm-up)' if warm else ''}: {payload / dt / 1e6:,.0f} MB/s ({dt:.1f} s, "
+                  f"{sizes[w] / 1e9:.2f} GB on disk)")
             shutil.rmtree(out, ignore_errors=True)
 
     floor = statistics.median(rates["plain"]) if "plain" in rates else None
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "all passes MB/s"], rows)
     cls = " + 36x1601 fp16 cls_prob + labels" if args.cls_prob else ""
     text = (f"\n### Pack, {len(records)} records of {args.num_boxes}x2048 fp16{cls} ({payload / 1e9:.2f} GB)\n\n"
-            f"Machine: {machine_line()}\n\nMedian of {args.repeat} passes, writers interleaved.\n\n{table}\n")
+            f"Machine: {machine_line()}\n\n{args.warmup} warm-up pass(es) then median of {args.repeat} passes per writer, back to back.\n\n{table}\n")
     print(text)
     if args.markdown:
         with open(args.markdown, "a") as fh:

@@ -120,6 +120,25 @@ _OPTIONAL_LE = tuple((name, dt.newbyteorder("<"), name == "cls_prob", _FIELD_BIT
                      for name, dt in OPTIONAL_FIELDS.items())
 
 
+def _value_layout(n: int, d: int, c: int, code: int, mask: int) -> tuple:
+    """((name, start, stop, dtype, shape), ...) of the arrays, relative to the first array's offset."""
+    fdt = _CODE_DTYPES[code]
+    specs = [("boxes", _F4, n * 4, (n, 4)), ("features", fdt, n * d, (n, d))]
+    for name, dt, two_d, bit in _OPTIONAL_LE:
+        if mask & bit:
+            specs.append((name, dt, n * c if two_d else n, (n, c) if two_d else (n,)))
+    layout, off = [], 0
+    for name, dt, count, shape in specs:
+        nbytes = count * dt.itemsize
+        layout.append((name, off, off + nbytes, dt, shape))
+        off += nbytes + (-nbytes) % 8
+    return tuple(layout)
+
+
+# Layouts depend only on (N, D, C, dtype, fields): a few dozen per store, computed once per process.
+_LAYOUTS: dict[tuple, tuple] = {}
+
+
 def decode_record(value, where: str = "") -> RegionFeatures:
     """Parse one LMDB value into a record whose arrays are read-only views of `value`.
 
@@ -132,22 +151,18 @@ def decode_record(value, where: str = "") -> RegionFeatures:
     magic, version, hsize, n, d, c, h, w, code, mask, idlen = _HEADER.unpack_from(value, 0)
     if magic != VALUE_MAGIC or version != VALUE_VERSION or code not in _CODE_DTYPES:
         raise CorruptStoreError(f"{where}: not a vilbert record value (magic {magic!r}, version {version})")
-    off = hsize + idlen
-    image_id = value[hsize:off].decode("utf-8") if isinstance(value, bytes) else bytes(value[hsize:off]).decode()
-    off += (-off) % 8
-    fdt = _CODE_DTYPES[code]
-    specs = [("boxes", _F4, n * 4, (n, 4)), ("features", fdt, n * d, (n, d))]
-    if mask:
-        for name, dt, two_d, bit in _OPTIONAL_LE:
-            if mask & bit:
-                specs.append((name, dt, n * c if two_d else n, (n, c) if two_d else (n,)))
-    arrays = {}
-    for name, dt, count, shape in specs:
-        nbytes = count * dt.itemsize
-        if off + nbytes > size:
-            raise CorruptStoreError(f"{where}: record {image_id!r}: value truncated inside {name!r}")
-        arrays[name] = np.frombuffer(value, dtype=dt, count=count, offset=off).reshape(shape)
-        off += nbytes + (-nbytes) % 8
+    base = hsize + idlen
+    image_id = bytes(value[hsize:base]).decode("utf-8")
+    base += (-base) % 8
+    key = (n, d, c, code, mask)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _LAYOUTS[key] = _value_layout(n, d, c, code, mask)
+    if layout and base + layout[-1][2] > size:
+        name = next(name for name, _, stop, _, _ in layout if base + stop > size)
+        raise CorruptStoreError(f"{where}: record {image_id!r}: value truncated inside {name!r}")
+    u8 = np.frombuffer(value, np.uint8)
+    arrays = {name: u8[base + a:base + b].view(dt).reshape(shape) for name, a, b, dt, shape in layout}
     return RegionFeatures(image_id, h, w, n, **arrays)
 
 
@@ -223,6 +238,10 @@ class LmdbShardReader:
     def __init__(self, path: str | Path, fields: dict):
         _require_lmdb()
         self.path = Path(path)
+        # One long-lived read transaction per thread (a read txn must not be used by two threads at once);
+        # the shard is immutable, so a long read txn sees everything and saves a begin/abort per read.
+        self._local = threading.local()
+        self._txns: list = []
         try:
             self._env = _acquire_env(self.path)
             self._pid = os.getpid()
@@ -230,17 +249,25 @@ class LmdbShardReader:
         except lmdb.Error as exc:
             raise CorruptStoreError(f"{self.path}: unreadable LMDB shard ({exc}); run `vilbert-cli validate`") from None
 
+    def _txn(self):
+        txn = getattr(self._local, "txn", None)
+        if txn is None:
+            txn = self._local.txn = self._env.begin()
+            with _ENVS_LOCK:
+                self._txns.append(txn)
+        return txn
+
     def read(self, row: int, image_id: str | None = None) -> RegionFeatures:
         """The record at `row`; `image_id` only improves error messages."""
-        where = f"{self.path}: record {image_id!r}" if image_id is not None else f"{self.path}: row {row}"
         try:
-            with self._env.begin() as txn:
-                value = txn.get(row_key(row))
+            value = self._txn().get(row_key(row))
         except lmdb.Error as exc:
+            where = f"{self.path}: record {image_id!r}" if image_id is not None else f"{self.path}: row {row}"
             raise CorruptStoreError(f"{where}: LMDB read failed ({exc})") from None
         if value is None:
+            where = f"{self.path}: record {image_id!r}" if image_id is not None else f"{self.path}: row {row}"
             raise CorruptStoreError(f"{where}: row {row} is missing from the shard")
-        return decode_record(value, where)
+        return decode_record(value, f"{self.path}: record {image_id!r}" if image_id is not None else str(self.path))
 
     def iter_rows(self):
         """Yield (row, value bytes) in key order (validate uses this to see every row, dead ones included)."""
@@ -253,9 +280,19 @@ class LmdbShardReader:
         with _ENVS_LOCK:
             _forget_inherited_envs()
         self._env = None
+        self._local = threading.local()
+        self._txns = []
 
     def close(self) -> None:
         """Release this reader's reference to the shared environment."""
         if self._env is not None and os.getpid() == self._pid:
+            with _ENVS_LOCK:
+                txns, self._txns = self._txns, []
+            for txn in txns:
+                try:
+                    txn.abort()
+                except lmdb.Error:
+                    pass
+            self._local = threading.local()
             _release_env(self.path)
         self._env = None

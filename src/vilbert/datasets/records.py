@@ -18,6 +18,7 @@ OPTIONAL_FIELDS: dict[str, np.dtype] = {
     "attrs_conf": np.dtype(np.float32),  # (N,)
 }
 FEATURE_DTYPES = ("float16", "float32")
+_FEATURE_NP_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # compared per record: faster than str(dtype)
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class RegionFeatures:
             raise RecordError(
                 f"{where}{rid}: features has shape {self.features.shape}, expected ({n}, D) for num_boxes={n}"
             )
-        if str(self.features.dtype) not in FEATURE_DTYPES:
+        if self.features.dtype not in _FEATURE_NP_DTYPES:
             raise RecordError(f"{where}{rid}: features dtype {self.features.dtype} is not float16 or float32")
         for name in OPTIONAL_FIELDS:
             arr = getattr(self, name)

@@ -65,12 +65,16 @@ class PackConfig:
         return self
 
 
+# numpy's dtype.name is slow enough to matter once per field per record.
+_FIELD_DTYPE_NAMES = {name: dt.name for name, dt in OPTIONAL_FIELDS.items()}
+
+
 def record_layout(record: RegionFeatures) -> tuple[int, dict]:
     """(feature_dim, fields) of a record, in the form Manifest.fields uses."""
     fields = {}
     for name in record.present_fields():
         arr = getattr(record, name)
-        fields[name] = {"dtype": OPTIONAL_FIELDS[name].name, "width": int(arr.shape[1]) if arr.ndim == 2 else None}
+        fields[name] = {"dtype": _FIELD_DTYPE_NAMES[name], "width": int(arr.shape[1]) if arr.ndim == 2 else None}
     return record.feature_dim, fields
 
 
