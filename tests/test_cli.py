@@ -128,3 +128,29 @@ def test_lmdb_map_full_via_cli(runner, tmp_path):
     assert res.exit_code == 1
     line = res.output.strip().splitlines()[-1]
     assert line.startswith("error: ") and "part-0000" in line and "record 'm3'" in line and "full" in line
+
+
+def test_legacy_bad_inputs_via_cli(runner, tmp_path):
+    from tests.datasets import legacy_layouts
+    recs = [make_record(f"t{i}", num_boxes=3, dim=32, num_classes=None, seed=i) for i in range(3)]
+    # A vilbert LMDB whose key list was never written (an interrupted conversion).
+    db = legacy_layouts.write_vilbert_lmdb(tmp_path / "mt.lmdb", recs, write_keys=False)
+    res = runner.invoke(cli, ["pack", "--from", str(db), "--trust-pickle", "--out", str(tmp_path / "o1")])
+    assert res.exit_code == 1
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "mt.lmdb" in line and "keys" in line
+    assert not (tmp_path / "o1" / "manifest.json").exists()
+    # Pickled values without --trust-pickle: refused, nothing written.
+    db2 = legacy_layouts.write_vilbert_lmdb(tmp_path / "mt2.lmdb", recs)
+    res = runner.invoke(cli, ["pack", "--from", str(db2), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "--trust-pickle" in res.output and not (tmp_path / "o2").exists()
+    # A TSV row with broken base64: that record is named, the others are packed.
+    tsv = legacy_layouts.write_butd_tsv(tmp_path / "feats.tsv", recs)
+    lines = tsv.read_bytes().split(b"\r\n")
+    cols = lines[1].split(b"\t")
+    cols[5] = cols[5][:-7] + b"!!!"
+    lines[1] = b"\t".join(cols)
+    tsv.write_bytes(b"\r\n".join(lines))
+    res = runner.invoke(cli, ["pack", "--from", str(tsv), "--out", str(tmp_path / "o3")])
+    assert res.exit_code == 1 and "feats.tsv: record 't1'" in res.output
+    assert list(FeatureStore.open(tmp_path / "o3").image_ids) == ["t0", "t2"]

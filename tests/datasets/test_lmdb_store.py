@@ -14,7 +14,7 @@ from tests.conftest import make_record
 def test_value_round_trip_is_raw_little_endian_without_pickle():
     rec = make_record("img/1", num_boxes=5, with_labels=True).cast("float16")
     _, fields = record_layout(rec)
-    value = encode_record(rec, fields)
+    value = bytes(encode_record(rec, fields))
     assert value[:4] == VALUE_MAGIC and b"\x80\x04\x95" not in value[:64]  # no pickle header
     got = decode_record(value, "x")
     assert got.image_id == "img/1" and got.num_boxes == 5
@@ -36,7 +36,7 @@ def test_foreign_values_are_refused(value):
 
 def test_truncated_value_names_record():
     rec = make_record("r9", num_boxes=5).cast("float16")
-    value = encode_record(rec, record_layout(rec)[1])
+    value = bytes(encode_record(rec, record_layout(rec)[1]))
     with pytest.raises(CorruptStoreError, match="record 'r9': value truncated"):
         decode_record(value[:-200], "x")
 

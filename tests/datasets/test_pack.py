@@ -9,6 +9,7 @@ from vilbert.errors import (
     DuplicateImageError, IncompatibleSourcesError, LegacyFormatError, SourceNotFoundError, StoreError,
     TrustRequiredError,
 )
+from tests.datasets import legacy_layouts
 from tests.conftest import make_record
 
 DET_A = {"config": "butd-r101-c4", "weights_file": "a.pth", "weights_sha256": "a" * 64,
@@ -117,7 +118,6 @@ def test_existing_output_store_is_kept_without_overwrite(tmp_path):
 
 
 def test_legacy_tsv_with_broken_row_is_reported(tmp_path):
-    legacy_layouts = pytest.importorskip("tests.datasets.legacy_layouts")
     recs = _recs("t", 4, dim=2048, num_classes=None)
     tsv = legacy_layouts.write_butd_tsv(tmp_path / "feats.tsv", recs)
     lines = tsv.read_bytes().split(b"\r\n")
@@ -135,7 +135,6 @@ def test_legacy_tsv_with_broken_row_is_reported(tmp_path):
 
 
 def test_pickled_legacy_needs_trust(tmp_path):
-    legacy_layouts = pytest.importorskip("tests.datasets.legacy_layouts")
     recs = _recs("v", 3, dim=2048, num_classes=None)
     db = legacy_layouts.write_vilbert_lmdb(tmp_path / "mt.lmdb", recs)
     with pytest.raises(TrustRequiredError, match="--trust-pickle"):

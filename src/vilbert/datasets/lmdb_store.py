@@ -93,8 +93,17 @@ def _pad(n: int) -> int:
     return (-n) % 8
 
 
-def encode_record(record: RegionFeatures, fields: dict) -> bytes:
-    """Serialise a record already cast to storage dtypes into one LMDB value."""
+def encode_record(record: RegionFeatures, fields: dict, out: bytearray | None = None) -> memoryview:
+    """Serialise a record already cast to storage dtypes into one LMDB value.
+
+    Args:
+        record: the record (storage dtypes).
+        fields: the store's optional fields.
+        out: a reusable buffer (grown as needed); a fresh one when None.
+
+    Returns:
+        A memoryview of the value's bytes inside `out` (valid until `out` is reused).
+    """
     ident = record.image_id.encode("utf-8")
     if len(ident) > 0xFFFF:
         raise ValueError(f"image id longer than 65535 bytes: {record.image_id[:40]!r}...")
@@ -102,15 +111,29 @@ def encode_record(record: RegionFeatures, fields: dict) -> bytes:
     for name in fields:
         mask |= _FIELD_BITS[name]
     width = fields["cls_prob"]["width"] if "cls_prob" in fields else 0
-    header = _HEADER.pack(VALUE_MAGIC, VALUE_VERSION, _HEADER.size, record.num_boxes, record.feature_dim, width,
-                          record.image_h, record.image_w, _DTYPE_CODES[str(record.features.dtype)], mask, len(ident))
-    parts = [header, ident, b"\0" * _pad(_HEADER.size + len(ident))]
-    for arr in (record.boxes, record.features, *(getattr(record, n) for n in OPTIONAL_FIELDS if n in fields)):
-        # memoryviews of the (little-endian) arrays: join() copies each array exactly once.
-        le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        parts.append(memoryview(le.reshape(-1)).cast("B") if le.size else b"")
-        parts.append(b"\0" * _pad(le.nbytes))
-    return b"".join(parts)
+    arrays = [record.boxes, record.features, *(getattr(record, n) for n in OPTIONAL_FIELDS if n in fields)]
+    off = _HEADER.size + len(ident)
+    off += _pad(off)
+    size = off + sum(a.nbytes + _pad(a.nbytes) for a in arrays)
+    if out is None:
+        out = bytearray(size)
+    elif len(out) < size:
+        out.extend(bytes(size - len(out)))
+    _HEADER.pack_into(out, 0, VALUE_MAGIC, VALUE_VERSION, _HEADER.size, record.num_boxes, record.feature_dim,
+                      width, record.image_h, record.image_w, _DTYPE_CODES[str(record.features.dtype)], mask,
+                      len(ident))
+    out[_HEADER.size:_HEADER.size + len(ident)] = ident
+    out[_HEADER.size + len(ident):off] = bytes(off - _HEADER.size - len(ident))
+    for arr in arrays:
+        n = arr.nbytes
+        if n:
+            # copy straight into the buffer as little-endian (one copy per array)
+            dst = np.frombuffer(out, dtype=arr.dtype.newbyteorder("<"), count=arr.size, offset=off)
+            dst[...] = arr.reshape(-1)
+        pad = _pad(n)
+        out[off + n:off + n + pad] = bytes(pad)
+        off += n + pad
+    return memoryview(out)[:size]
 
 
 _F4 = np.dtype("<f4")
@@ -185,6 +208,7 @@ class LmdbShardWriter:
                               metasync=False, meminit=False, readahead=False, max_dbs=0)
         self._txn = self._env.begin(write=True)
         self._uncommitted = 0
+        self._buf = bytearray()  # one value buffer reused for every put (py-lmdb copies it into the map)
         self.num_rows = 0
         self.bytes_written = 0
 
@@ -194,7 +218,7 @@ class LmdbShardWriter:
         Raises:
             StoreFullError: the map is full (the shard is unusable afterwards; the caller discards it).
         """
-        value = encode_record(record, self._fields)
+        value = encode_record(record, self._fields, self._buf)
         try:
             self._txn.put(row_key(self.num_rows), value, append=True)
             self._uncommitted += 1
@@ -203,7 +227,7 @@ class LmdbShardWriter:
         except lmdb.MapFullError:
             raise StoreFullError(f"LMDB map of {self._env.info()['map_size']} bytes is full") from None
         self.num_rows += 1
-        self.bytes_written += len(value)
+        self.bytes_written += value.nbytes
 
     def _commit(self) -> None:
         self._txn.commit()
