@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from pathlib import Path
 
@@ -166,6 +167,8 @@ class ArrowShardReader:
         self._starts = np.zeros(n + 1, np.int64)
         np.cumsum(rows, out=self._starts[1:])
         self.num_rows = int(self._starts[-1])
+        self._starts_list = self._starts.tolist()
+        self._array_names = ("boxes", "features", *self._fields)
         self._views: dict[int, dict] = {}
 
     def _batch_views(self, b: int) -> dict:
@@ -176,9 +179,9 @@ class ArrowShardReader:
             batch = self._file.get_batch(b)
             views = {
                 "image_id": batch.column("image_id").to_pylist(),
-                "image_h": batch.column("image_h").to_numpy(),
-                "image_w": batch.column("image_w").to_numpy(),
-                "num_boxes": batch.column("num_boxes").to_numpy(),
+                "image_h": batch.column("image_h").to_pylist(),
+                "image_w": batch.column("image_w").to_pylist(),
+                "num_boxes": batch.column("num_boxes").to_pylist(),
             }
             for name in ("boxes", "features", *self._fields):
                 col = batch.column(name)
@@ -189,7 +192,8 @@ class ArrowShardReader:
                     values = values.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
                 else:
                     values = values.to_numpy(zero_copy_only=True)
-                views[name] = (offsets - offsets[0], values)
+                # Python ints: slicing with them is faster than with numpy scalars, once per sample.
+                views[name] = ((offsets - offsets[0]).tolist(), values)
         except (KeyError, pa.ArrowException) as exc:
             raise CorruptStoreError(f"{self.path}: record batch {b} is unreadable ({exc})") from None
         self._views[b] = views
@@ -202,20 +206,14 @@ class ArrowShardReader:
         """
         if not 0 <= row < self.num_rows:
             raise CorruptStoreError(f"{self.path}: row {row} out of range (shard has {self.num_rows} rows)")
-        b = int(np.searchsorted(self._starts, row, side="right")) - 1
-        i = row - int(self._starts[b])
+        b = bisect.bisect_right(self._starts_list, row) - 1
+        i = row - self._starts_list[b]
         v = self._batch_views(b)
         arrays = {}
-        for name in ("boxes", "features", *self._fields):
+        for name in self._array_names:
             offsets, values = v[name]
             arrays[name] = values[offsets[i]:offsets[i + 1]]
-        return RegionFeatures(
-            image_id=v["image_id"][i],
-            image_h=int(v["image_h"][i]),
-            image_w=int(v["image_w"][i]),
-            num_boxes=int(v["num_boxes"][i]),
-            **arrays,
-        )
+        return RegionFeatures(v["image_id"][i], v["image_h"][i], v["image_w"][i], v["num_boxes"][i], **arrays)
 
     def close(self) -> None:
         """Drop the views and unmap the file."""

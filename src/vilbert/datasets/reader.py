@@ -123,7 +123,7 @@ class FeatureStore:
 
     def get(self, image_id: str) -> RegionFeatures:
         """The record of `image_id` (see __getitem__)."""
-        return self[self.position(image_id)]
+        return self._read(self.position(image_id), image_id)
 
     def __getitem__(self, pos: int) -> RegionFeatures:
         """The record at position `pos`.
@@ -142,9 +142,12 @@ class FeatureStore:
             p += n
         if not 0 <= p < n:
             raise IndexError(f"{self.path}: position {pos} out of range for {n} records")
+        return self._read(p, self._index.image_ids[p].as_py())
+
+    def _read(self, p: int, image_id: str) -> RegionFeatures:
+        """Read position `p`, whose id per the index is `image_id`, and check the record against the index."""
         shard = int(self._index.shard[p])
         row = int(self._index.row[p])
-        image_id = self._index.image_ids[p].as_py()
         reader = self._reader(shard)
         rec = reader.read(row, image_id)
         nb = int(self._index.num_boxes[p])
