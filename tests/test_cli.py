@@ -108,6 +108,8 @@ def test_bad_records_exit_one_unless_allowed(runner, tmp_path):
     assert len(FeatureStore.open(tmp_path / "o1")) == 3  # the good records are published
     res = runner.invoke(cli, ["pack", "--from", src, "--out", str(tmp_path / "o2"), "--max-failures", "1"])
     assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["pack", "--from", src, "--out", str(tmp_path / "o3"), "--max-failures", "-1"])
+    assert res.exit_code == 0, res.output
 
 
 def test_existing_store_needs_overwrite(runner, tmp_path):

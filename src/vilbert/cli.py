@@ -68,8 +68,9 @@ def _show_progress(ctx: click.Context) -> bool:
 @click.option("--allow-mixed-detectors", is_flag=True, help="Allow inputs made by different or unknown detectors.")
 @click.option("--shard-size-mb", type=float, default=1024, show_default=True, help="Start a new shard after this many MiB.")
 @click.option("--lmdb-map-size-mb", type=float, default=1 << 20, show_default=True, help="LMDB map size per shard (MiB).")
-@click.option("--max-failures", type=int, default=-1, show_default=True,
-              help="Exit 0 if at most this many bad input records were skipped (-1: any failure exits 1).")
+@click.option("--max-failures", type=int, default=0, show_default=True,
+              help="Bad input records tolerated: more makes the command exit 1 (the store keeps the good "
+                   "ones either way); -1: no limit.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store or another command's partial output.")
 @click.pass_context
 def pack(ctx, fmt, sources, more_sources, out, feature_dtype, on_duplicate, trust_pickle, source_format,
@@ -98,8 +99,8 @@ def pack(ctx, fmt, sources, more_sources, out, feature_dtype, on_duplicate, trus
             click.echo(f"  failed: {line}", err=True)
         if result.num_failures > MAX_LISTED_FAILURES:
             click.echo(f"  ... and {result.num_failures - MAX_LISTED_FAILURES} more (see manifest.json)", err=True)
-        if max_failures < 0 or result.num_failures > max_failures:
-            click.echo(f"error: {result.num_failures} bad record(s) skipped (allowed: {max(max_failures, 0)}); "
+        if 0 <= max_failures < result.num_failures:
+            click.echo(f"error: {result.num_failures} bad record(s) skipped (allowed: {max_failures}); "
                        "the store holds the good ones", err=True)
             ctx.exit(1)
 

@@ -140,3 +140,32 @@ def test_partial_output_of_other_settings_is_refused(tmp_path, records):
     with StoreWriter(tmp_path / "s", PackConfig(feature_dtype="float32"), overwrite=True) as w:
         w.write(records[0])
     assert FeatureStore.open(tmp_path / "s")[0].features.dtype == np.float32
+
+
+def test_failed_shard_publish_surfaces_early_and_publishes_nothing(tmp_path, monkeypatch):
+    import vilbert.datasets.writer as writer_mod
+    real_publish = writer_mod.publish
+
+    def failing_publish(tmp, final):
+        if str(final).endswith("part-00000.arrow"):
+            raise OSError(28, "No space left on device")
+        return real_publish(tmp, final)
+
+    monkeypatch.setattr(writer_mod, "publish", failing_publish)
+    w = StoreWriter(tmp_path / "s", PackConfig(shard_size_bytes=1500))
+    with pytest.raises(StoreError, match=r"part-00000\.arrow: could not publish the shard"):
+        for i in range(40):
+            w.write(make_record(f"r{i}", num_boxes=6, seed=i))
+    # it failed while the second shard finished, long before 40 records
+    assert i < 10
+    w.abort()
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_lmdb_overlong_id_is_a_record_error(tmp_path):
+    w = StoreWriter(tmp_path / "s", PackConfig(format="lmdb"))
+    w.write(make_record("ok", num_boxes=2))
+    with pytest.raises(RecordError, match="65535"):
+        w.write(make_record("x" * 70000, num_boxes=2))
+    w.write(make_record("ok2", num_boxes=2))
+    assert w.close().num_records == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vilbert.datasets.atomic import TailHasher, fsync_file
+from vilbert.datasets.atomic import TailHasher
 from vilbert.datasets.records import OPTIONAL_FIELDS, RegionFeatures
 from vilbert.errors import CorruptStoreError
 
@@ -124,13 +124,16 @@ class ArrowShardWriter:
         self._pending = []
 
     def close(self) -> None:
-        """Write the pending batch and the file footer, fsync and close the file (the caller renames it)."""
+        """Write the pending batch and the file footer and close the file (the caller fsyncs and renames it)."""
         self._flush()
         self._writer.close()
-        size = self._sink.tell()
+        self._size = self._sink.tell()
         self._sink.close()
-        fsync_file(self.path)  # flushes to disk while the hasher thread reads the tail from the page cache
-        self.sha256 = self._hasher.finish(size)
+
+    def digest(self) -> str:
+        """Hex sha256 of the closed file (hashed while it was written; waits for the tail)."""
+        self.sha256 = self._hasher.finish(self._size)
+        return self.sha256
 
     def abort(self) -> None:
         """Close without caring about the content (the caller deletes the file)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,8 @@ import threading
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# errno values meaning "this filesystem cannot fsync a directory", not "the disk failed".
+_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM}
 _HASH_CHUNK = 8 << 20
 
 
@@ -25,12 +28,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory entry table so a rename inside it survives a crash."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # some filesystems do not allow opening directories
-        return
+    except OSError as exc:
+        if exc.errno in _NO_DIR_FSYNC:  # some filesystems do not allow opening directories
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:  # a real I/O error means the rename may not be durable
+            raise
     finally:
         os.close(fd)
 
@@ -98,6 +104,7 @@ class TailHasher:
     """
 
     def __init__(self, path: str | os.PathLike):
+        self._path = path
         self._fd = os.open(path, os.O_RDONLY)
         self._hash = hashlib.sha256()
         self._view = memoryview(bytearray(_HASH_CHUNK))
@@ -150,7 +157,7 @@ class TailHasher:
                     want = min(_HASH_CHUNK, target - self._done)
                     n = os.preadv(self._fd, [self._view[:want]], self._done)
                     if not n:
-                        raise OSError(f"file ended at {self._done} bytes, expected {target}")
+                        raise OSError(f"{self._path}: file ended at {self._done} bytes, expected {target}")
                     self._hash.update(self._view[:n])
                     self._done += n
                 if closing:

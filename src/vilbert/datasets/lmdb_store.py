@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vilbert.datasets.records import OPTIONAL_FIELDS, RegionFeatures
-from vilbert.errors import CorruptStoreError, MissingDependencyError, StoreFullError
+from vilbert.errors import CorruptStoreError, MissingDependencyError, RecordError, StoreFullError
 
 try:  # this module and legacy.py are the only lmdb import sites
     import lmdb
@@ -106,7 +106,8 @@ def encode_record(record: RegionFeatures, fields: dict, out: bytearray | None = 
     """
     ident = record.image_id.encode("utf-8")
     if len(ident) > 0xFFFF:
-        raise ValueError(f"image id longer than 65535 bytes: {record.image_id[:40]!r}...")
+        raise RecordError(f"record {record.image_id[:40]!r}...: image id is {len(ident)} bytes; LMDB stores hold "
+                          "ids up to 65535 bytes")
     mask = 0
     for name in fields:
         mask |= _FIELD_BITS[name]

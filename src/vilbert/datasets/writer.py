@@ -12,7 +12,7 @@ from typing import Optional
 
 import vilbert
 from vilbert.datasets.atomic import (
-    TMP_SUFFIX, publish, sha256_and_fsync, sha256_file, tmp_path_for, write_json_atomic,
+    TMP_SUFFIX, fsync_dir, fsync_file, publish, sha256_and_fsync, sha256_file, tmp_path_for, write_json_atomic,
 )
 from vilbert.datasets.manifest import (
     FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, SHARD_DIR, STORAGES, Manifest, ShardInfo, shard_name, utc_now,
@@ -39,7 +39,8 @@ class PackConfig:
         on_duplicate: a repeated image_id is an 'error', or keeps the first / last record.
         allow_mixed_detectors: pack sources made by different detectors into one store.
         lmdb_map_size: map size per LMDB shard; a full map is a StoreFullError naming shard and record.
-        max_failures: bad records tolerated by pack before the CLI exits non-zero (-1: no limit).
+        max_failures: bad input records tolerated before `vilbert-cli pack` exits 1 (-1: no limit); the
+            store keeps the good records either way.
     """
 
     format: str = "arrow"
@@ -48,7 +49,7 @@ class PackConfig:
     on_duplicate: str = "error"
     allow_mixed_detectors: bool = False
     lmdb_map_size: int = 1 << 40
-    max_failures: int = -1
+    max_failures: int = 0
 
     def check(self) -> "PackConfig":
         """Raise ConfigError naming the bad field; return self."""
@@ -172,6 +173,7 @@ class StoreWriter:
         logger.info("removing the existing store in %s (--overwrite)", self.out_dir)
         for name in (MANIFEST_NAME, INDEX_NAME, MANIFEST_NAME + TMP_SUFFIX, INDEX_NAME + TMP_SUFFIX):
             (self.out_dir / name).unlink(missing_ok=True)
+        fsync_dir(self.out_dir)  # the store is gone before its shards are: never a manifest without shards
         shutil.rmtree(self._shard_dir, ignore_errors=True)
 
     def _resume(self) -> None:
@@ -336,7 +338,7 @@ class StoreWriter:
         if self._current is not None and self._current.num_rows:
             self._finish_shard()
         elif self._current is not None:
-            self.abort_current()
+            self._discard_current()
         self._wait_for_shards()
         self._add_failure_summary(self._span_failure_count, self._span_failures)
         self._span_failures, self._span_failure_count = [], 0
@@ -365,28 +367,23 @@ class StoreWriter:
                     len(self._shards), self._failure_count)
         return manifest
 
-    def abort_current(self) -> None:
-        """Throw away the shard being written (its records are re-done by a resumed run)."""
-        try:
-            self._wait_for_shards()
-        except Exception as exc:  # noqa: BLE001 - already failing; the shard without a record is redone
-            logger.warning("could not finish a shard's completion record while aborting: %s", exc)
-            self._shards = [sh for sh in self._shards if isinstance(sh, ShardInfo)]
+    def _discard_current(self) -> None:
+        """Throw away the shard being written (a resumed run redoes its records)."""
         if self._current is not None:
             self._current.abort()
-            tmp = self._current.path
+            _remove(self._current.path)
             self._current = None
-            _remove(tmp)
-            # The discarded rows leave the index again.
-            number = len(self._shards)
-            if number in self._shard_of:
-                self._rebuild_index_without(number)
 
     def abort(self) -> None:
         """Stop without publishing: the current shard is discarded, completed shards stay for a resume."""
-        if not self._closed:
-            self.abort_current()
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
+        self._discard_current()
+        try:
+            self._wait_for_shards()
+        except Exception as exc:  # noqa: BLE001 - already failing; a shard without a completion record is redone
+            logger.warning("while aborting, a finished shard could not be published: %s", exc)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -428,29 +425,40 @@ class StoreWriter:
             "num_boxes": [int(n) for n in self._current_nboxes],
             "failures": {"count": self._span_failure_count, "examples": self._span_failures},
         }
-        # Closing (footer, fsync), hashing and publishing run on one background thread while the next shard
-        # is written; one worker keeps completion records in shard order.
-        if self._finisher is None:
-            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finish")
-        self._shards.append(self._finisher.submit(self._complete_shard, w, sidecar))
-        self._add_failure_summary(self._span_failure_count, self._span_failures)
-        self._span_failures, self._span_failure_count = [], 0
-
-    def _complete_shard(self, w, sidecar: dict) -> ShardInfo:
-        """Close a shard writer, publish the shard (fsync, rename), hash it if needed, write its completion record."""
-        name = sidecar["shard"]
+        self._current_ids, self._current_nboxes = [], []  # the sidecar owns the old lists now
         final = self.out_dir / name
         try:
-            w.close()
+            w.close()  # on this thread: an LMDB write transaction must end on the thread that began it
         except StoreFullError as exc:
             raise StoreFullError(f"{final}: {exc}; completed shards are kept: re-run with a larger "
                                  "--lmdb-map-size-mb (or a smaller --shard-size-mb)") from None
-        sidecar["size_bytes"] = w.path.stat().st_size
-        # Arrow shards are hashed while written; LMDB and HDF5 rewrite pages, so they are hashed here,
-        # while the file is flushed to disk.
-        sidecar["sha256"] = getattr(w, "sha256", None) or sha256_and_fsync(w.path)
-        publish(w.path, final)  # complete once its completion record exists
-        write_json_atomic(self._shard_dir / (Path(name).name + DONE_SUFFIX), sidecar)
+        # fsync, hashing and publishing run on a background thread while the next shard is written. At most
+        # one shard is in flight, so a failure surfaces at the next shard, not at the end of the job.
+        if self._shards and isinstance(self._shards[-1], Future):
+            self._shards[-1] = self._shards[-1].result()
+        if self._finisher is None:
+            self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finish")
+        self._shards.append(self._finisher.submit(self._complete_shard, w, final, sidecar))
+        self._add_failure_summary(self._span_failure_count, self._span_failures)
+        self._span_failures, self._span_failure_count = [], 0
+
+    def _complete_shard(self, w, final: Path, sidecar: dict) -> ShardInfo:
+        """Hash a closed shard, publish it (fsync, rename) and write its completion record."""
+        name = sidecar["shard"]
+        try:
+            sidecar["size_bytes"] = w.path.stat().st_size
+            if hasattr(w, "digest"):
+                # Arrow shards are hashed while written: flush to disk while the hasher reads the tail.
+                fsync_file(w.path)
+                sidecar["sha256"] = w.digest()
+            else:
+                # LMDB and HDF5 rewrite pages while writing, so they are hashed once closed.
+                sidecar["sha256"] = sha256_and_fsync(w.path)
+            publish(w.path, final)  # complete once its completion record exists
+            write_json_atomic(self._shard_dir / (Path(name).name + DONE_SUFFIX), sidecar)
+        except OSError as exc:
+            raise StoreError(f"{final}: could not publish the shard ({exc}); completed shards are kept, "
+                             "re-run the same command to resume") from None
         logger.debug("shard %s closed: %d rows, %d bytes", name, w.num_rows, sidecar["size_bytes"])
         return ShardInfo(name, sidecar["num_records"], sidecar["size_bytes"], sidecar["sha256"])
 
@@ -462,26 +470,6 @@ class StoreWriter:
             if self._finisher is not None:
                 self._finisher.shutdown(wait=True)
                 self._finisher = None
-
-    def _rebuild_index_without(self, number: int) -> None:
-        """Drop rows of shard `number` from the index (after discarding it) by replaying earlier sidecars."""
-        ids, shards, rows, nbs = self._ids, self._shard_of, self._row_of, self._nbox_of
-        self._ids, self._shard_of, self._row_of, self._nbox_of, self._position = [], [], [], [], {}
-        self._dead_rows = 0
-        # Only the id order matters here; a keep-last replacement inside the discarded shard may have
-        # shadowed an earlier row, so replay the completed shards' sidecars when they exist.
-        replay = []
-        for p in sorted(self._shard_dir.glob("part-*" + DONE_SUFFIX)):
-            sc = json.loads(p.read_text("utf-8"))
-            replay.append(sc)
-        if len(replay) == number:
-            for n, sc in enumerate(replay):
-                for row, (image_id, nb) in enumerate(zip(sc["ids"], sc["num_boxes"])):
-                    self._index_row(image_id, n, row, nb)
-        else:  # no sidecars (should not happen): keep rows of other shards as they were
-            for image_id, s, r, nb in zip(ids, shards, rows, nbs):
-                if s != number:
-                    self._index_row(image_id, s, r, nb)
 
 
 def _remove(path: Path) -> None:
