@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.model.reference_vilbert import INPUT_KEYS, make_batch, perturb_
-from vilbert.errors import SourceNotFoundError
+from vilbert.errors import ConfigError, SourceNotFoundError
 from vilbert.model import (CheckpointError, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForVLTasks,
                            config_from_hf_bert, init_text_from_hf_bert, load_checkpoint, load_tokenizer)
 
@@ -48,9 +48,13 @@ def test_task_checkpoints_load_strictly(tmp_path, layout, task_tokens):
     dst = ViLBERTForVLTasks(cfg, num_labels=6, head_layout=layout).eval()
     load_checkpoint(dst, tmp_path / "model.bin")
     batch = make_batch(cfg)
+    inputs = {k: batch[k] for k in INPUT_KEYS}
+    if task_tokens:
+        with pytest.raises(ConfigError, match="pass task_ids"):
+            dst(**inputs)
+        inputs["task_ids"] = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
     with torch.no_grad():
-        torch.testing.assert_close(src(**{k: batch[k] for k in INPUT_KEYS}).vil_prediction,
-                                   dst(**{k: batch[k] for k in INPUT_KEYS}).vil_prediction, rtol=0, atol=0)
+        torch.testing.assert_close(src(**inputs).vil_prediction, dst(**inputs).vil_prediction, rtol=0, atol=0)
 
 
 def test_pretraining_checkpoint_starts_a_task_model_non_strictly(tmp_path):

@@ -126,6 +126,13 @@ class ViLBERTConfig:
         if self.layer_norm_eps != LAYER_NORM_EPS:
             raise ConfigError(f"ViLBERTConfig.layer_norm_eps must be {LAYER_NORM_EPS} (as in every released model), "
                               f"got {self.layer_norm_eps}")
+        if self.visual_target == 1 and self.v_target_size != self.v_feature_size:
+            raise ConfigError(f"ViLBERTConfig: visual_target=1 regresses the region feature, so v_target_size "
+                              f"must equal v_feature_size ({self.v_feature_size}), got {self.v_target_size}")
+        if self.fixed_t_layer > (self.t_biattention_id[0] if self.t_biattention_id else self.num_hidden_layers):
+            raise ConfigError(f"ViLBERTConfig.fixed_t_layer={self.fixed_t_layer} would freeze text layers after "
+                              "the first co-attention layer; the official --freeze allows at most "
+                              "t_biattention_id[0]")
         if self.objective not in (0, 1, 2):
             raise ConfigError(f"ViLBERTConfig.objective must be 0, 1 or 2, got {self.objective!r}")
 

@@ -421,8 +421,20 @@ class ViLBERTModel(ViLBERTPreTrainedModel):
         self.t_pooler = BertPooler(config.hidden_size, config.bi_hidden_size)
         self.v_pooler = BertPooler(config.v_hidden_size, config.bi_hidden_size)
         self.init_weights()
+        if config.fixed_t_layer:
+            # Text layers [0, fixed_t_layer) run under no_grad (official --freeze), so they and the text
+            # embeddings under them never get a gradient; mark them so optimizers and DDP skip them. The word
+            # embeddings stay trainable: the MLM decoder is tied to them.
+            for i in range(config.fixed_t_layer):
+                self.encoder.layer[i].requires_grad_(False)
+            for name, module in self.embeddings.named_children():
+                if name != "word_embeddings":
+                    module.requires_grad_(False)
 
     def _text_mask(self, input_ids: Tensor, attention_mask: Tensor | None, task_ids: Tensor | None) -> Tensor:
+        if self.config.task_specific_tokens and task_ids is None:
+            raise ConfigError("this model was built with task_specific_tokens=True (as multi_task_model.bin): "
+                              "pass task_ids (the n of TASKn, e.g. 1 for VQA)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if task_ids is not None:
@@ -666,6 +678,10 @@ class ViLBERTForPretraining(ViLBERTPreTrainedModel):
         self.bert = ViLBERTModel(config)
         self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.init_weights(skip=("bert",))
+        if config.objective == 2:
+            # No alignment loss: the poolers and the alignment head get no gradient (mark them for DDP).
+            for module in (self.bert.t_pooler, self.bert.v_pooler, self.cls.bi_seq_relationship):
+                module.requires_grad_(False)
 
     def forward(self, input_ids: Tensor, image_feat: Tensor, image_loc: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, image_attention_mask: Tensor | None = None,
@@ -879,9 +895,8 @@ class ViLBERTForVLTasks(ViLBERTPreTrainedModel):
         vision_logit = self.vision_logit(self.dropout(h_v)).float()
         if image_attention_mask is not None:
             vision_logit = vision_logit + ((1.0 - image_attention_mask.float()) * MASK_VALUE)[..., None]
+        # Unmasked, as in the official code (only vision_logit gets the -10000 padding mask).
         linguisic_logit = self.linguisic_logit(self.dropout(h_t)).float()
-        if out.attention_mask is not None:
-            linguisic_logit = linguisic_logit + ((1.0 - out.attention_mask.float()) * MASK_VALUE)[..., None]
         return ViLBERTVLTasksOutput(vil_prediction, gqa, vil_logit, binary, tri, vision_logit, linguisic_logit,
                                     pooled, h_t, h_v, out.attention_mask)
 
