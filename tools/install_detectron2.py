@@ -582,8 +582,7 @@ def obtain_and_install(source: str, *, build_ext: bool) -> dict:
     else:
         patches, strict, label, suffix = PYPI_PATCHES, True, f"pypi:{PYPI_REQUIREMENT}", PYPI_VERSION_SUFFIX
     skip = frozenset({"1"}) if build_ext else frozenset()
-    fingerprint = patches_fingerprint(label + ":" + PYPI_SDIST_SHA256, patches,
-                                      extra=f"{suffix}|ext={build_ext}|{sys.version_info[:2]}")
+    fingerprint = expected_fingerprint(label, build_ext)
     dest_dir = cache_dir() / f"detectron2-{fingerprint}"
     wheel = None if build_ext else cached_wheel(dest_dir)  # compiled builds depend on torch/CUDA: no cache
     done = {"source": label, "fingerprint": fingerprint, "cached": wheel is not None}
@@ -620,15 +619,16 @@ def pip_check() -> str | None:
     return None if proc.returncode == 0 else (proc.stdout + proc.stderr).strip()
 
 
-def expected_fingerprint(source_label: str) -> str | None:
-    """The fingerprint this script would give a pure build of the source recorded in a marker."""
+def expected_fingerprint(source_label: str, build_ext: bool = False) -> str | None:
+    """The fingerprint this script gives a build of the source recorded in a marker (None: unknown source)."""
     if source_label.startswith("pypi:"):
-        return patches_fingerprint(source_label + ":" + PYPI_SDIST_SHA256, PYPI_PATCHES,
-                                   extra=f"{PYPI_VERSION_SUFFIX}|ext=False|{sys.version_info[:2]}")
-    if source_label == f"git:{GIT_URL}@{GIT_COMMIT}":
-        return patches_fingerprint(source_label + ":" + PYPI_SDIST_SHA256, GIT_PATCHES,
-                                   extra=f"{GIT_VERSION_SUFFIX}|ext=False|{sys.version_info[:2]}")
-    return None
+        patches, suffix = PYPI_PATCHES, PYPI_VERSION_SUFFIX
+    elif source_label == f"git:{GIT_URL}@{GIT_COMMIT}":
+        patches, suffix = GIT_PATCHES, GIT_VERSION_SUFFIX + (".ext" if build_ext else "")
+    else:
+        return None
+    return patches_fingerprint(source_label + ":" + PYPI_SDIST_SHA256, patches,
+                               extra=f"{suffix}|ext={build_ext}|{sys.version_info[:2]}")
 
 
 def choose_source(requested: str, reachable=None) -> str:
@@ -678,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if state["importable"] and not args.force:
             build = state.get("vilbert_build")
-            stale = build and expected_fingerprint(build["source"]) not in (None, build["fingerprint"])
+            expected = build and expected_fingerprint(build["source"], bool(state.get("compiled_ops")))
+            stale = build and expected not in (None, build["fingerprint"])
             if not stale:
                 logger.info("detectron2 %s already importable from %s (%s%s); nothing to do", state["version"],
                             state["path"], state.get("distribution", "no distribution metadata"),

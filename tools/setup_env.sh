@@ -5,8 +5,12 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$here/.venv}"
 stamp="$venv/.vilbert-setup"
-want="$(cat "$here/tools/constraints.txt" "$here/pyproject.toml" "$here/tools/install_detectron2.py" "$0" | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+want="$( (python3 --version; cat "$here/tools/constraints.txt" "$here/pyproject.toml" \
+          "$here/tools/install_detectron2.py" "$0") | sha256sum | cut -c1-16)"
+# Up to date only if the inputs are unchanged AND the environment still imports (a removed or upgraded
+# interpreter leaves a stamp behind but a broken venv).
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && "$venv/bin/python" -c "import vilbert, torch, torchvision, detectron2" 2>/dev/null; then
   echo "environment $venv is up to date"
   exit 0
 fi
