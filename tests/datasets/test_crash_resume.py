@@ -13,6 +13,7 @@ from vilbert.datasets.reader import FeatureStore
 from vilbert.datasets.validate import validate_store
 from vilbert.datasets.writer import PackConfig
 from tests.conftest import make_record
+from tests.conftest import make_record
 
 NUM = 200
 
@@ -125,3 +126,34 @@ def test_generator_crash_then_resume(tmp_path, monkeypatch):
     result = pack([src], out, cfg)
     assert 0 < result.num_resumed <= 90
     _check_complete(out)
+
+
+def test_resume_from_a_store_reads_only_what_is_left(tmp_path, monkeypatch):
+    from vilbert.datasets.pack import StoreSource
+    from vilbert.datasets.writer import StoreWriter
+    src, out = tmp_path / "src", tmp_path / "out"
+    with StoreWriter(src, PackConfig()) as w:
+        for i in range(60):
+            w.write(make_record(f"s{i:02d}", num_boxes=4, seed=i))
+    cfg = PackConfig(format="arrow", shard_size_bytes=3000)
+    real_iter_from = StoreSource.iter_from
+
+    def crashing(self, start):
+        for i, item in enumerate(real_iter_from(self, start)):
+            if i == 40:
+                raise _Boom("power cut")
+            yield item
+
+    monkeypatch.setattr(StoreSource, "iter_from", crashing)
+    with pytest.raises(_Boom):
+        pack([src], out, cfg)
+    monkeypatch.setattr(StoreSource, "iter_from", real_iter_from)
+    reads = []
+    real_getitem = FeatureStore.__getitem__
+    monkeypatch.setattr(FeatureStore, "__getitem__", lambda self, p: reads.append(p) or real_getitem(self, p))
+    result = pack([src], out, cfg)
+    assert 0 < result.num_resumed <= 40
+    # the first item is peeked (layout checks), then only the uncovered positions are read
+    assert reads == [0] + list(range(result.num_resumed, 60))
+    assert validate_store(out).ok
+    assert list(FeatureStore.open(out).image_ids) == [f"s{i:02d}" for i in range(60)]

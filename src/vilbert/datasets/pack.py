@@ -61,7 +61,11 @@ class StoreSource:
         return len(self.store)
 
     def __iter__(self) -> Iterator[RegionFeatures | RecordFailure]:
-        for pos in range(len(self.store)):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[RegionFeatures | RecordFailure]:
+        """Items from position `start` on, without reading the ones before (a resumed pack skips them)."""
+        for pos in range(start, len(self.store)):
             yield self.store[pos]
         self.store.close()
 
@@ -236,7 +240,12 @@ def pack(sources, out, config: PackConfig = PackConfig(), *, trust_pickle: bool 
         consumed = 0
         for (src, items), prov in zip(opened, provs):
             source_name = prov.get("source", str(src.path))
-            for pos, item in enumerate(items):
+            start = 0
+            if skip > consumed and hasattr(src, "iter_from"):
+                # Resuming: jump over the items the completed shards cover instead of decoding them.
+                start = min(skip - consumed, len(src))
+                items, consumed = src.iter_from(start), consumed + start
+            for pos, item in enumerate(items, start):
                 consumed += 1
                 if consumed <= skip:
                     continue
