@@ -350,6 +350,32 @@ BUTD_FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "feat
 BUTD_BETA_FIELDNAMES = BUTD_FIELDNAMES + ("cls_prob",)
 
 
+
+def _decode_tsv_row(row: dict[str, Any], dims: _DimCheck, id_col: str, h_col: str, w_col: str,
+                    labels: bool = False) -> RegionFeatures:
+    """Decode one BUTD-family TSV row (base64 float32 arrays); `labels` adds the LXMERT label columns."""
+    n = _to_int(row["num_boxes"], "num_boxes")
+    if n < 0:
+        raise _BadField(f"column 'num_boxes': negative value {n}")
+    extra = {}
+    if labels:
+        for name, dt in (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64),
+                         ("attrs_conf", np.float32)):
+            extra[name] = _b64_array(row[name], name, dt, (n,))
+    rec = RegionFeatures(
+        image_id=row[id_col],
+        image_h=_to_int(row[h_col], h_col),
+        image_w=_to_int(row[w_col], w_col),
+        num_boxes=n,
+        boxes=_b64_array(row["boxes"], "boxes", np.float32, (n, 4)),
+        features=_b64_array(row["features"], "features", np.float32, (n, -1)),
+        cls_prob=(_b64_array(row["cls_prob"], "cls_prob", np.float32, (n, -1)) if "cls_prob" in row else None),
+        **extra,
+    )
+    dims("features", rec.features)
+    dims("cls_prob", rec.cls_prob)
+    return rec
+
 class ButdTsvReader(_TsvReader):
     """peteanderson80/bottom-up-attention `tools/generate_tsv.py` TSV, and the vilbert_beta variant.
 
@@ -373,21 +399,7 @@ class ButdTsvReader(_TsvReader):
         return all(_is_int(c) for c in cols[1:4])
 
     def _decode(self, row: dict[str, Any], dims: _DimCheck) -> RegionFeatures:
-        n = _to_int(row["num_boxes"], "num_boxes")
-        if n < 0:
-            raise _BadField(f"column 'num_boxes': negative value {n}")
-        rec = RegionFeatures(
-            image_id=row["image_id"],
-            image_h=_to_int(row["image_h"], "image_h"),
-            image_w=_to_int(row["image_w"], "image_w"),
-            num_boxes=n,
-            boxes=_b64_array(row["boxes"], "boxes", np.float32, (n, 4)),
-            features=_b64_array(row["features"], "features", np.float32, (n, -1)),
-            cls_prob=(_b64_array(row["cls_prob"], "cls_prob", np.float32, (n, -1)) if "cls_prob" in row else None),
-        )
-        dims("features", rec.features)
-        dims("cls_prob", rec.cls_prob)
-        return rec
+        return _decode_tsv_row(row, dims, "image_id", "image_h", "image_w")
 
 
 LXMERT_FIELDNAMES = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
@@ -416,25 +428,7 @@ class LxmertTsvReader(_TsvReader):
         return _is_int(cols[1]) and _is_int(cols[2]) and _is_int(cols[7])
 
     def _decode(self, row: dict[str, Any], dims: _DimCheck) -> RegionFeatures:
-        n = _to_int(row["num_boxes"], "num_boxes")
-        if n < 0:
-            raise _BadField(f"column 'num_boxes': negative value {n}")
-        rec = RegionFeatures(
-            image_id=row["img_id"],
-            image_h=_to_int(row["img_h"], "img_h"),
-            image_w=_to_int(row["img_w"], "img_w"),
-            num_boxes=n,
-            boxes=_b64_array(row["boxes"], "boxes", np.float32, (n, 4)),
-            features=_b64_array(row["features"], "features", np.float32, (n, -1)),
-            cls_prob=(_b64_array(row["cls_prob"], "cls_prob", np.float32, (n, -1)) if "cls_prob" in row else None),
-            objects_id=_b64_array(row["objects_id"], "objects_id", np.int64, (n,)),
-            objects_conf=_b64_array(row["objects_conf"], "objects_conf", np.float32, (n,)),
-            attrs_id=_b64_array(row["attrs_id"], "attrs_id", np.int64, (n,)),
-            attrs_conf=_b64_array(row["attrs_conf"], "attrs_conf", np.float32, (n,)),
-        )
-        dims("features", rec.features)
-        dims("cls_prob", rec.cls_prob)
-        return rec
+        return _decode_tsv_row(row, dims, "img_id", "img_h", "img_w", labels=True)
 
 
 # ---------------------------------------------------------------------------------------------- npz

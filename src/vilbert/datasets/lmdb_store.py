@@ -294,12 +294,6 @@ class LmdbShardReader:
             raise CorruptStoreError(f"{where}: row {row} is missing from the shard")
         return decode_record(value, f"{self.path}: record {image_id!r}" if image_id is not None else str(self.path))
 
-    def iter_rows(self):
-        """Yield (row, value bytes) in key order (validate uses this to see every row, dead ones included)."""
-        with self._env.begin() as txn:
-            for key, value in txn.cursor():
-                yield int.from_bytes(key, "big"), value
-
     def forget_after_fork(self) -> None:
         """In a forked child: close the inherited handles so this process may open the path again."""
         with _ENVS_LOCK:
